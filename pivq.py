@@ -438,46 +438,65 @@ def nearest_assign(cost):
     return cost.argmin(-1)
 
 
-_solver_pool = None
+_solver_pool, THREADS = None, min(8, os.cpu_count() or 1)
 
 
-def _solve_one(cost):
-    """Exact min-cost assignment of the N rows of one (N, K) cost matrix to distinct columns.
+def _solve_dense(costs):
+    """Exact assignments for a stack of (N, K) numpy cost matrices: rows -> distinct columns."""
+    return [linear_sum_assignment(c)[1] for c in costs]  # rows come back sorted: cols[i] is row i's
 
-    An optimal matching only ever uses a row's N cheapest columns (if row i took a worse one, one
-    of its N cheapest is free, and moving there costs less), so we solve the dense problem on the
-    union of those candidate columns: far fewer than K, same optimum.
+
+def _solve_candidates(problem):
+    """The same on a sparse graph of each row's N cheapest columns, (b, N, N) values and columns.
+
+    Exact: if an optimal matching gave row i a column outside its N cheapest, one of those N
+    would be free (only N - 1 other rows), and moving row i there costs no more.
     """
-    N, K = cost.shape
-    if N < K:
-        cand = np.unique(np.argpartition(cost, N - 1, axis=1)[:, :N])
-        if len(cand) < K:
-            rows, cols = linear_sum_assignment(cost[:, cand])
-            return cand[cols[np.argsort(rows)]]
-    rows, cols = linear_sum_assignment(cost)
-    return cols[np.argsort(rows)]
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    vals, cols, K = problem
+    out = []
+    for v, c in zip(vals, cols):
+        N = len(v)
+        # +1: every row takes exactly one edge, so a shift keeps the optimum and no weight is 0
+        graph = csr_matrix((v.ravel() - v.min() + 1.0, c.ravel(), np.arange(0, N * N + 1, N)), shape=(N, K))
+        out.append(min_weight_full_bipartite_matching(graph)[1])
+    return out
 
 
 def matching_assign(cost):
-    """Matching quantization: (B, N, K) costs -> (B, N) codes, N distinct per image, exactly
-    minimal total cost (optimal bipartite matching, scipy's `linear_sum_assignment`).
+    """Matching quantization: (B, N, K) costs -> (B, N) codes, N distinct per image, at exactly
+    minimal total cost (an optimal bipartite matching per image).
 
-    Fast path: an image whose nearest codes are already distinct is optimal as it is; only the
-    others are solved, on the host, in parallel threads (scipy releases the GIL).
+    Only images whose nearest codes collide are solved; the others are optimal as they are. On a
+    GPU, each row's N cheapest codes are picked there and only (b, N, N) values leave the device
+    for a sparse solve; on a CPU that selection costs more than it saves, and the dense solve
+    (scipy's `linear_sum_assignment`) runs directly. Either way the images are split over
+    threads (scipy releases the GIL).
     """
     global _solver_pool
-    nearest = cost.argmin(-1)                                        # (B, N)
+    cost = torch.nan_to_num(cost, nan=1e30, posinf=1e30)              # a diverged step: no crash
+    nearest = cost.argmin(-1)                                         # (B, N)
     s = nearest.sort(-1).values
-    clash = (s[:, 1:] == s[:, :-1]).any(-1)                          # (B,) some code taken twice
+    clash = (s[:, 1:] == s[:, :-1]).any(-1)                           # (B,) a code taken twice
     if not clash.any():
         return nearest
     todo = clash.nonzero().squeeze(1)
-    host = cost[todo].detach().float().cpu().numpy()                 # (b, N, K), one transfer
-    if len(host) > 1:
-        _solver_pool = _solver_pool or ThreadPoolExecutor(min(8, os.cpu_count() or 1))
-        solved = list(_solver_pool.map(_solve_one, host))
+    N, K = cost.shape[1:]
+    w = min(THREADS, len(todo))
+    if cost.is_cuda and N < K:
+        vals, cols = cost[todo].topk(N, dim=-1, largest=False)        # (b, N, N) each
+        vals, cols = vals.double().cpu().numpy(), cols.cpu().numpy()
+        chunks = [(vals[i::w], cols[i::w], K) for i in range(w)]
+        solve = _solve_candidates
     else:
-        solved = [_solve_one(host[0])]
+        host = (cost if len(todo) == len(cost) else cost[todo]).detach().cpu().numpy()  # (b, N, K)
+        chunks, solve = [host[i::w] for i in range(w)], _solve_dense
+    _solver_pool = _solver_pool or ThreadPoolExecutor(THREADS)
+    solved = [None] * len(todo)
+    for i, part in enumerate(_solver_pool.map(solve, chunks)):
+        solved[i::w] = part
     nearest[todo] = torch.from_numpy(np.stack(solved)).to(nearest.device, torch.long)
     return nearest
 

@@ -71,6 +71,18 @@ def test_matching_assign_large_against_scipy():
         assert cost[b].gather(1, idx[b][:, None]).sum().item() == pytest.approx(cost[b].numpy()[r, c].sum(), rel=1e-6)
 
 
+@pytest.mark.parametrize("N,K", [(1, 3), (3, 3), (4, 7), (5, 9)])
+def test_candidate_solver_is_optimal(N, K):
+    """The GPU path's sparse solve on each row's N cheapest codes reaches the full optimum."""
+    g = torch.Generator().manual_seed(K)
+    for cost in (torch.rand(4, N, K, generator=g).double(), torch.randint(0, 3, (4, N, K), generator=g).double()):
+        vals, cols = cost.topk(N, dim=-1, largest=False)
+        for b, assigned in enumerate(pivq._solve_candidates((vals.numpy(), cols.numpy(), K))):
+            assert len(set(assigned.tolist())) == N
+            got = cost[b].gather(1, torch.as_tensor(assigned)[:, None]).sum().item()
+            assert got == pytest.approx(brute_force_cost(cost[b].numpy()), abs=1e-9)
+
+
 def test_nearest_assign_is_argmin():
     cost = torch.rand(5, 7, 11)
     assert torch.equal(nearest_assign(cost), cost.argmin(-1))
@@ -326,3 +338,220 @@ def test_stream_sampler_shards_and_resumes():
     for b in first[:3]:
         parts = [next(r) for r in ranks]
         assert sorted(parts[0] + parts[1]) == sorted(b)
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+SMALL_FLAGS = ["--image-size", "16", "--patch-size", "4", "--codes", "4", "--codebook-size", "16",
+               "--code-dim", "8", "--width", "32", "--enc-depth", "1", "--dec-depth", "1", "--heads", "2",
+               "--batch-size", "8", "--init-steps", "3", "--init-batches", "2", "--disc-channels", "8",
+               "--disc-layers", "1", "--log-every", "1"]
+
+
+def start_trainer(out, *flags):
+    return subprocess.Popen([sys.executable, "pivq.py", "--out", str(out), *SMALL_FLAGS, *flags], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(out, n, proc, timeout=120):
+    import time
+
+    log, t = out / "log.jsonl", time.time()
+    while time.time() - t < timeout and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"trainer did not reach {n} steps: {proc.communicate()[1][-2000:]}")
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = start_trainer(out, "--steps", "100000", "--save-every", "100000")
+    wait_for_steps(out, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by signal" in err and "Traceback" not in err
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] >= 5
+    r = start_trainer(out, "--steps", str(ckpt["step"] + 2), "--resume")
+    assert r.wait(timeout=120) == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == ckpt["step"] + 2
+
+
+def test_sigkill_never_leaves_a_broken_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    for kill_at in (4, 7, 10):  # a save every step: the kill lands in or near a write
+        proc = start_trainer(out, "--steps", "100000", "--save-every", "1", *(["--resume"] if kill_at > 4 else []))
+        wait_for_steps(out, kill_at, proc)
+        proc.kill()
+        proc.wait()
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # complete and loadable
+        assert ckpt["step"] >= 1 and pivq.load(str(out / "ckpt.pt"))[1].codes == 4
+
+
+def test_non_finite_loss_is_skipped_then_stops(tmp_path, monkeypatch):
+    real = pivq.train_step
+    poison = {3}
+    monkeypatch.setattr(pivq, "train_step",
+                        lambda model, disc, opt, opt_d, x, step, *a: real(model, disc, opt, opt_d,
+                                                                        x * float("nan") if step in poison else x, step, *a))
+    cfg = small(tmp_path, steps=8, init_steps=2, log_every=1)
+    model = pivq.train(cfg)
+    rows = [json.loads(l) for l in open(os.path.join(cfg.out, "log.jsonl"))]
+    assert rows[-1]["bad_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    saved = torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=True)["model"]
+    poison.update(range(8, 100))  # now every step: the run stops, the last good checkpoint stays
+    with pytest.raises(SystemExit, match="non-finite losses in a row"):
+        pivq.train(Config(**{**cfg.__dict__, "steps": 30}), resume=True, overrides=("steps",))
+    after = torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=True)["model"]
+    assert all(torch.equal(saved[k], after[k]) for k in saved)
+
+
+def test_checkpoint_loading_runs_no_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"config": {}, "x": Evil()}, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match="not a PI-VQ checkpoint"):
+        pivq.load(str(tmp_path / "ckpt.pt"))
+    assert not (tmp_path / "pwned").exists()
+
+
+# --- DDP ------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, world, port, cfg, result_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = pivq.train(cfg)
+    torch.save(model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_agree(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = small(tmp_path, steps=12, init_steps=4, disc_start=8, log_every=4, device="cpu")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+        assert p.exitcode == 0
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert bool(a["quantizer.initialized"]) and torch.equal(a["quantizer.codebook"], b["quantizer.codebook"])
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between ranks"
+    ddp_rows = [json.loads(l) for l in open(os.path.join(cfg.out, "log.jsonl"))]
+    single = small(tmp_path / "single", steps=12, init_steps=4, disc_start=8, log_every=4)
+    pivq.train(single)
+    one_rows = [json.loads(l) for l in open(os.path.join(single.out, "log.jsonl"))]
+    assert abs(ddp_rows[-1]["rec"] - one_rows[-1]["rec"]) < 0.25 * one_rows[-1]["rec"]
+
+
+# --- sampling and evaluation -------------------------------------------------------------------
+
+import eval as pivq_eval  # noqa: E402  (the repo's eval.py)
+import sample  # noqa: E402
+
+
+def prdc_by_definition(real, fake, k):
+    """PRDC written straight from Naeem et al. 2020 on full distance matrices (no chunks)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=-1)
+    d_ff = np.linalg.norm(fake[:, None] - fake[None], axis=-1)
+    d_rf = np.linalg.norm(real[:, None] - fake[None], axis=-1)
+    r = np.sort(d_rr, axis=1)[:, k]  # k-th neighbour, index 0 being the point itself
+    s = np.sort(d_ff, axis=1)[:, k]
+    return dict(precision=np.mean([(d_rf[:, j] < r).any() for j in range(len(fake))]),
+                recall=np.mean([(d_rf[i] < s).any() for i in range(len(real))]),
+                density=np.mean([(d_rf[:, j] < r).sum() for j in range(len(fake))]) / k,
+                coverage=np.mean([d_rf[i].min() < r[i] for i in range(len(real))]))
+
+
+def test_prdc_matches_definitions_in_chunks():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(150, 8)), rng.normal(0.3, 1.2, size=(120, 8))
+    want = prdc_by_definition(real, fake, 5)
+    for chunk in (7, 1024):
+        got = pivq_eval.compute_prdc(real, fake, 5, chunk=chunk)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    assert 0 < want["precision"] < 1 and 0 < want["coverage"] < 1, "a case where the metrics discriminate"
+
+
+def test_prdc_matches_reference_package():
+    prdc = pytest.importorskip("prdc")
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(200, 16)).astype(np.float32), rng.normal(0.2, 1.1, size=(180, 16)).astype(np.float32)
+    want = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=5)
+    got = pivq_eval.compute_prdc(real, fake, 5, chunk=64)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+def test_capacity_formula():
+    assert pivq_eval.capacity_bits(10, 3) == pytest.approx(np.log2(120))
+    assert pivq_eval.capacity_bits(1024, 64) == pytest.approx(
+        sum(np.log2(1024 - i) - np.log2(i + 1) for i in range(64)), rel=1e-9)
+    assert pivq_eval.capacity_bits(5, 1) == pytest.approx(np.log2(5))
+    assert pivq_eval.capacity_bits(2, 5) == 0.0
+
+
+def test_probe_beats_majority_on_linear_attribute():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(32, generator=g)[:6] for _ in range(400)])
+    y = (idx == 3).any(1).float()  # the attribute is "code 3 is in the set"
+    acc, majority = pivq_eval.logistic_probe(pivq_eval.bag_of_codes(idx, 32), y)
+    assert acc > 0.95 and acc > majority + 0.1
+
+
+def test_every_sample_and_frame_has_distinct_codes():
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(20, 4, generator=g)
+    a = torch.stack([torch.randperm(20, generator=g)[:6] for _ in range(50)])
+    b = torch.stack([torch.randperm(20, generator=g)[:6] for _ in range(50)])  # overlapping sets
+    a2, b2 = sample.pair_sets(codebook, a, b)
+    assert all(set(b2[i].tolist()) == set(b[i].tolist()) for i in range(50)), "b' reorders b"
+    for trial in range(20):
+        mixed = sample.mix(a2, b2, torch.rand(a.shape, generator=g) < 0.5)
+        assert (pivq.distinct_per_image(mixed) == 6).all()
+    frames = sample.interpolation_sets(codebook, a[0], b[0], steps=7)
+    assert frames.shape == (7, 6) and (pivq.distinct_per_image(frames) == 6).all()
+    assert torch.equal(frames[0], a[0]) and set(frames[-1].tolist()) == set(b[0].tolist())
+
+
+def test_interpolation_endpoints_are_reconstructions(tmp_path):
+    model, x = initialized_model(tmp_path, codes=8, codebook_size=16)
+    a, b = model.encode(x[:2])
+    frames = model.decode(sample.interpolation_sets(model.quantizer.codebook, a, b, steps=5))
+    rec = model.decode(model.encode(x[:2]))
+    torch.testing.assert_close(frames[0], rec[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(frames[-1], rec[1], atol=1e-5, rtol=0)
+    assert (frames[2] - rec[0]).abs().max() > 1e-3, "the middle frame is neither endpoint"
+
+
+def test_sample_and_eval_commands(tmp_path):
+    cfg = small(tmp_path, steps=6, init_steps=2)
+    pivq.train(cfg)
+    ckpt = os.path.join(cfg.out, "ckpt.pt")
+    sample.main(["--ckpt", ckpt, "--n", "6", "--out", str(tmp_path / "s")])
+    assert len(list((tmp_path / "s").glob("0*.png"))) == 6 and (tmp_path / "s" / "grid.png").exists()
+    sample.main(["--ckpt", ckpt, "--interpolate", str(tmp_path / "s" / "00000.png"), str(tmp_path / "s" / "00001.png"),
+                 "--steps", "4", "--out", str(tmp_path / "s")])
+    assert (tmp_path / "s" / "interpolation.png").exists()
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", ckpt, "--n", "40", "--prdc", "--features", "pixels",
+                        "--samples", str(tmp_path / "s")], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("mse", "psnr", "codebook_usage", "perplexity", "distinct_per_image", "capacity_bits",
+                "precision", "recall", "density", "coverage", "attr_acc", "attr_majority"):
+        assert key in res
+    assert res["distinct_per_image"] == 4 and res["capacity_bits"] > 0
