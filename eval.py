@@ -84,14 +84,12 @@ def feature_extractor(kind, device):
 
     if kind == "vgg16":
         net = torchvision.models.vgg16()
-        net.load_state_dict(torch.load(pivq.vgg16_weights(), map_location="cpu", weights_only=True))
+        net.load_state_dict(torch.load(pivq.hub_weights(fallback="use --features pixels"), map_location="cpu",
+                                       weights_only=True))
         net.classifier = net.classifier[:-1]            # up to fc2 and its ReLU: 4096-d
         size = 224
     else:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", "inception_v3_google-0cc3c7bd.pth")
-        if not os.path.isfile(path):
-            pivq.die(f"Inception weights missing: {path}. Download https://download.pytorch.org/models/"
-                     "inception_v3_google-0cc3c7bd.pth there, or use --features pixels")
+        path = pivq.hub_weights("inception_v3_google-0cc3c7bd.pth", fallback="use --features pixels")
         net = torchvision.models.inception_v3(aux_logits=True, init_weights=False)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         net.fc = torch.nn.Identity()                    # 2048-d pool features
@@ -234,7 +232,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bench", action="store_true", help="benchmark the quantizers and a training step")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = pivq.pick_device(args.device)
     if args.bench:
         print(json.dumps(bench(device)))
         return
@@ -243,8 +241,6 @@ def main(argv=None):
     if args.n < 2 or args.k < 1:
         p.error("--n must be at least 2 and --k at least 1")
     model, cfg = pivq.load(args.ckpt, device)
-    if not model.quantizer.initialized:
-        pivq.die(f"{args.ckpt} stopped before --init-steps: it has no codebook yet; train longer")
     dataset = dataset_for(cfg, args.data)
     n = min(args.n, len(dataset))
     res = {}

@@ -7,7 +7,7 @@ interpolation swaps the pairs one by one. Every set so made holds N distinct cod
 batch of sets is decoded in one forward pass.
 
     python sample.py --ckpt out/ckpt.pt [--data DIR] [--n 64] [--out samples] [--seed 0]
-    python sample.py --ckpt out/ckpt.pt --interpolate a.png b.png [--steps 8]
+    python sample.py --ckpt out/ckpt.pt --interpolate a.png b.png [--steps 8]   (or dataset indices: 0 1)
 """
 
 import argparse
@@ -22,16 +22,22 @@ def pair_sets(codebook, a, b):
     """Pair code sets a, b (B, N) for mixing. Returns (a, b') with b' a reordering of b such that
     codes shared by a and b sit opposite themselves, and the rest are paired by an optimal
     matching on squared code-vector distance. Swapping any subset of pairs then never repeats a
-    code: what comes in is from b minus a, what stays is from a."""
+    code: what comes in is from b minus a, what stays is from a. (Sets from the nearest
+    quantizer may hold repeats; they are paired the same way, as multisets.)"""
     b = b.clone()
     for i in range(len(a)):
-        shared = torch.isin(a[i], b[i])
-        only_a, only_b = a[i][~shared], b[i][~torch.isin(b[i], a[i])]
-        paired = a[i].clone()                      # shared codes opposite themselves
-        if len(only_a):
-            cost = pivq.squared_distances(codebook[only_a][None], codebook[only_b])   # (1, n, n)
-            paired[~shared] = only_b[pivq.matching_assign(cost)[0]]
-        b[i] = paired
+        rest = b[i].tolist()
+        paired = []
+        for code in a[i].tolist():                 # shared codes opposite themselves
+            paired.append(code if code in rest else None)
+            if code in rest:
+                rest.remove(code)
+        free = [p for p, code in enumerate(paired) if code is None]
+        if free:
+            cost = pivq.squared_distances(codebook[a[i][free]][None], codebook[rest])     # (1, f, f)
+            for p, j in zip(free, pivq.matching_assign(cost)[0].tolist()):
+                paired[p] = rest[j]
+        b[i] = torch.tensor(paired)
     return a, b
 
 
@@ -98,21 +104,22 @@ def main(argv=None):
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="write a strip from image A to B")
+    p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="write a strip from image A to B (files, or indices into the data)")
     p.add_argument("--steps", type=int, default=8, help="frames of the interpolation strip")
     args = p.parse_args(argv)
     if args.n < 1 or args.steps < 2:
         p.error("--n must be at least 1 and --steps at least 2")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = pivq.pick_device(args.device)
     model, cfg = pivq.load(args.ckpt, device)
-    if not model.quantizer.initialized:
-        pivq.die(f"{args.ckpt} stopped before --init-steps: it has no codebook yet; train longer")
     os.makedirs(args.out, exist_ok=True)
     from torchvision.utils import save_image
 
     if args.interpolate:
         imgs = []
         for path in args.interpolate:
+            if path.isdigit() and not os.path.exists(path):  # an index into the dataset
+                imgs.append(dataset_for(cfg, args.data)[int(path)])
+                continue
             try:
                 imgs.append(pivq.load_image(path, cfg.image_size))
             except Exception as e:

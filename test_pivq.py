@@ -159,9 +159,15 @@ def test_delayed_init_in_training(tmp_path):
 
 def test_training_reduces_reconstruction_loss(tmp_path):
     cfg = small(tmp_path, steps=60, init_steps=20, log_every=10, disc_start=40)
-    pivq.train(cfg)
+    x = torch.stack([pivq.SyntheticFaces(16, seed=1)[i] for i in range(32)])  # held out
+    torch.manual_seed(cfg.seed)
+    with torch.no_grad():
+        before = (pivq.PIVQ(cfg)(x)[0] - x).abs().mean().item()
+    model = pivq.train(cfg).eval()
+    with torch.no_grad():
+        after = (model.decode(model.encode(x)) - x).abs().mean().item()
+    assert after < 0.7 * before
     rows = [json.loads(l) for l in open(os.path.join(cfg.out, "log.jsonl"))]
-    assert rows[-1]["rec"] < 0.8 * rows[0]["rec"]
     assert rows[-1]["d"] > 0, "the discriminator was switched on after disc_start"
     assert os.path.isfile(os.path.join(cfg.out, "recon.png"))
 
@@ -241,8 +247,10 @@ def test_cli_rejects_bad_flags(tmp_path):
 
 def test_missing_vgg_weights_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    with pytest.raises(SystemExit, match="VGG16 weights missing: .*vgg16-397923af.pth.*--perceptual-weight 0"):
+    with pytest.raises(SystemExit, match="weights missing: .*vgg16-397923af.pth.*--perceptual-weight 0"):
         pivq.make_lpips("cpu")
+    with pytest.raises(SystemExit, match="weights missing: .*vgg16-397923af.pth.*--features pixels"):
+        pivq_eval.feature_extractor("vgg16", "cpu")
 
 
 def test_lpips_loss_trains_with_random_trunk(tmp_path):
@@ -523,6 +531,9 @@ def test_every_sample_and_frame_has_distinct_codes():
     for trial in range(20):
         mixed = sample.mix(a2, b2, torch.rand(a.shape, generator=g) < 0.5)
         assert (pivq.distinct_per_image(mixed) == 6).all()
+    rep_a, rep_b = torch.tensor([[1, 1, 2, 5]]), torch.tensor([[5, 3, 3, 1]])  # nearest: multisets
+    _, rep_b2 = sample.pair_sets(codebook, rep_a, rep_b)
+    assert sorted(rep_b2[0].tolist()) == [1, 3, 3, 5] and rep_b2[0, 0] == 1 and rep_b2[0, 3] == 5
     frames = sample.interpolation_sets(codebook, a[0], b[0], steps=7)
     assert frames.shape == (7, 6) and (pivq.distinct_per_image(frames) == 6).all()
     assert torch.equal(frames[0], a[0]) and set(frames[-1].tolist()) == set(b[0].tolist())
