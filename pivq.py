@@ -446,6 +446,10 @@ def nearest_assign(cost):
 
 
 _solver_pool, THREADS = None, min(8, os.cpu_count() or 1)
+try:  # optional exact batched solver that runs on the GPU: pip install torch-linear-assignment
+    from torch_linear_assignment import batch_linear_assignment
+except ImportError:
+    batch_linear_assignment = None
 
 
 def _solve_dense(costs):
@@ -477,13 +481,13 @@ def matching_assign(cost):
     minimal total cost (an optimal bipartite matching per image).
 
     Only images whose nearest codes collide are solved; the others are optimal as they are. On a
-    GPU, each row's N cheapest codes are picked there and only (b, N, N) values leave the device
-    for a sparse solve; on a CPU that selection costs more than it saves, and the dense solve
-    (scipy's `linear_sum_assignment`) runs directly. Either way the images are split over
-    threads (scipy releases the GIL).
+    GPU, the `torch-linear-assignment` package solves them there when installed; else each row's
+    N cheapest codes are picked there and only (b, N, N) values leave the device for a sparse
+    solve. On a CPU that selection costs more than it saves, and the dense solve (scipy's
+    `linear_sum_assignment`) runs directly. Host solves are split over threads (scipy releases
+    the GIL).
     """
     global _solver_pool
-    cost = torch.nan_to_num(cost, nan=1e30, posinf=1e30)              # a diverged step: no crash
     nearest = cost.argmin(-1)                                         # (B, N)
     s = nearest.sort(-1).values
     clash = (s[:, 1:] == s[:, :-1]).any(-1)                           # (B,) a code taken twice
@@ -492,6 +496,9 @@ def matching_assign(cost):
     todo = clash.nonzero().squeeze(1)
     N, K = cost.shape[1:]
     w = min(THREADS, len(todo))
+    if cost.is_cuda and batch_linear_assignment is not None:
+        nearest[todo] = batch_linear_assignment(cost[todo]).long()
+        return nearest
     if cost.is_cuda and N < K:
         vals, cols = cost[todo].topk(N, dim=-1, largest=False)        # (b, N, N) each
         vals, cols = vals.double().cpu().numpy(), cols.cpu().numpy()
@@ -502,8 +509,11 @@ def matching_assign(cost):
         chunks, solve = [host[i::w] for i in range(w)], _solve_dense
     _solver_pool = _solver_pool or ThreadPoolExecutor(THREADS)
     solved = [None] * len(todo)
-    for i, part in enumerate(_solver_pool.map(solve, chunks)):
-        solved[i::w] = part
+    try:
+        for i, part in enumerate(_solver_pool.map(solve, chunks)):
+            solved[i::w] = part
+    except ValueError:  # NaN/inf costs from a diverged step (to be skipped): solve, don't crash
+        return matching_assign(torch.nan_to_num(cost, nan=1e30, posinf=1e30, neginf=-1e30))
     nearest[todo] = torch.from_numpy(np.stack(solved)).to(nearest.device, torch.long)
     return nearest
 

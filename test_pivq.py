@@ -83,6 +83,27 @@ def test_candidate_solver_is_optimal(N, K):
             assert got == pytest.approx(brute_force_cost(cost[b].numpy()), abs=1e-9)
 
 
+def test_optional_batched_solver_agrees():
+    """The optional GPU backend (torch-linear-assignment): same contract, same optimum."""
+    tla = pytest.importorskip("torch_linear_assignment")
+    cost = torch.rand(8, 4, 7, generator=torch.Generator().manual_seed(0))
+    got = tla.batch_linear_assignment(cost).long()
+    for b in range(8):
+        assert len(set(got[b].tolist())) == 4
+        assert cost[b].gather(1, got[b][:, None]).sum().item() == pytest.approx(brute_force_cost(cost[b].double().numpy()), abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_matching_assign_on_gpu_is_optimal():
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(16, 6, 40, generator=g)
+    cost[:, :, 0] = 0  # everyone collides
+    got = matching_assign(cost.cuda()).cpu()
+    want = matching_assign(cost)
+    assert (pivq.distinct_per_image(got) == 6).all()
+    torch.testing.assert_close(cost.gather(2, got[..., None]).sum((1, 2)), cost.gather(2, want[..., None]).sum((1, 2)))
+
+
 def test_nearest_assign_is_argmin():
     cost = torch.rand(5, 7, 11)
     assert torch.equal(nearest_assign(cost), cost.argmin(-1))
