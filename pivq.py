@@ -472,7 +472,8 @@ def _solve_candidates(problem):
         N = len(v)
         # +1: every row takes exactly one edge, so a shift keeps the optimum and no weight is 0
         graph = csr_matrix((v.ravel() - v.min() + 1.0, c.ravel(), np.arange(0, N * N + 1, N)), shape=(N, K))
-        out.append(min_weight_full_bipartite_matching(graph)[1])
+        rows, cols_of_rows = min_weight_full_bipartite_matching(graph)
+        out.append(cols_of_rows[np.argsort(rows)])
     return out
 
 
@@ -875,6 +876,9 @@ def train(cfg, resume=False, overrides=()):
     check_config(cfg)
     if master:
         os.makedirs(cfg.out, exist_ok=True)
+        for f in os.listdir(cfg.out):  # half-written checkpoints of a killed run
+            if f.startswith("ckpt.pt.tmp"):
+                os.remove(os.path.join(cfg.out, f))
 
     torch.manual_seed(cfg.seed)
     dataset = make_dataset(cfg)

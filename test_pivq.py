@@ -416,6 +416,9 @@ def test_sigkill_never_leaves_a_broken_checkpoint(tmp_path):
         proc.wait()
         ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # complete and loadable
         assert ckpt["step"] >= 1 and pivq.load(str(out / "ckpt.pt"))[1].codes == 4
+    (out / "ckpt.pt.tmp123").write_bytes(b"half")  # what a kill inside a save leaves: cleared at start
+    assert start_trainer(out, "--steps", str(ckpt["step"] + 1), "--resume").wait(timeout=120) == 0
+    assert not list(out.glob("ckpt.pt.tmp*"))
 
 
 def test_non_finite_loss_is_skipped_then_stops(tmp_path, monkeypatch):
