@@ -35,20 +35,22 @@ def capacity_bits(perplexity, distinct):
 # --- PRDC ------------------------------------------------------------------------------
 
 
-def _sq_dists(a, b):
-    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.t() + b.pow(2).sum(1)).clamp_min_(0)
+def _dists(a, b, b_sq):
+    """(n, D), (m, D), |b|^2 (m,) -> (n, m) Euclidean distances, built in place: no (m, D) temporaries."""
+    d = a @ b.t()
+    return d.mul_(-2).add_(a.pow(2).sum(1, keepdim=True)).add_(b_sq).clamp_min_(0).sqrt_()
 
 
-def kth_neighbour_distances(x, k, chunk=1024):
+def kth_neighbour_distances(x, k, chunk=512):
     """Distance of each row of x to its k-th nearest other row, O(n * chunk) memory."""
-    out = torch.empty(len(x), dtype=x.dtype)
+    x_sq, out = torch.linalg.vector_norm(x, dim=1).pow_(2), torch.empty(len(x), dtype=x.dtype)
     for s in range(0, len(x), chunk):
-        d = _sq_dists(x[s:s + chunk], x)
+        d = _dists(x[s:s + chunk], x, x_sq)
         out[s:s + chunk] = d.topk(k + 1, dim=1, largest=False).values[:, -1]   # +1: itself at 0
-    return out.sqrt()
+    return out
 
 
-def compute_prdc(real, fake, k=5, chunk=1024):
+def compute_prdc(real, fake, k=5, chunk=512):
     """Precision, recall, density and coverage (Naeem et al. 2020) of fake against real features.
 
     With r_i the distance of real i to its k-th nearest real neighbour and s_j that of fake j
@@ -65,8 +67,9 @@ def compute_prdc(real, fake, k=5, chunk=1024):
     in_some_real = torch.zeros(len(fake), dtype=torch.bool)
     balls_holding = torch.zeros(len(fake), dtype=torch.float64)
     recalled, covered = torch.zeros(len(real), dtype=torch.bool), torch.zeros(len(real), dtype=torch.bool)
+    fake_sq = torch.linalg.vector_norm(fake, dim=1).pow_(2)
     for a in range(0, len(real), chunk):
-        d = _sq_dists(real[a:a + chunk], fake).sqrt()                  # (chunk, m)
+        d = _dists(real[a:a + chunk], fake, fake_sq)                   # (chunk, m)
         inside = d < r[a:a + chunk, None]                              # fake j in B(real i, r_i)
         in_some_real |= inside.any(0)
         balls_holding += inside.sum(0)

@@ -898,7 +898,7 @@ def train(cfg, resume=False, overrides=()):
     raw = model
     sync = lambda t: t
     if world > 1:
-        # unused parameters: the codebook before its init, the decoder's last layer twice-used
+        # find_unused_parameters: the codebook gets no gradient before the delayed init
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         disc = nn.parallel.DistributedDataParallel(disc)
 
@@ -979,13 +979,12 @@ def train(cfg, resume=False, overrides=()):
                 bar.set_postfix(loss=f"{s['loss']:.3f}", usage=f"{cs['usage']:.2f}", img_s=f"{rate:.0f}")
                 counts.zero_()
                 distinct, seen, t0 = [], 0, time.time()
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save()
             stopping = stop["signal"] is not None
             if world > 1:  # every rank stops at the same step
                 stopping = sync(torch.tensor([0.0 if stopping else 1.0])).item() == 0
-            if stopping:
+            if stopping or step % cfg.save_every == 0 or step == cfg.steps:
                 save()
+            if stopping:
                 if master:
                     print(f"\npivq: stopped by signal at step {step}; checkpoint saved to {ckpt_path}. "
                           "Continue with --resume.", file=sys.stderr)
