@@ -410,14 +410,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_sigkill_never_leaves_a_broken_checkpoint(tmp_path):
     out = tmp_path / "run"
     for kill_at in (4, 7, 10):  # a save every step: the kill lands in or near a write
-        proc = start_trainer(out, "--steps", "100000", "--save-every", "1", *(["--resume"] if kill_at > 4 else []))
+        proc = start_trainer(out, "--steps", "100000", "--save-every", "1", "--init-steps", "0",
+                             *(["--resume"] if kill_at > 4 else []))
         wait_for_steps(out, kill_at, proc)
         proc.kill()
         proc.wait()
         ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # complete and loadable
         assert ckpt["step"] >= 1 and pivq.load(str(out / "ckpt.pt"))[1].codes == 4
     (out / "ckpt.pt.tmp123").write_bytes(b"half")  # what a kill inside a save leaves: cleared at start
-    assert start_trainer(out, "--steps", str(ckpt["step"] + 1), "--resume").wait(timeout=120) == 0
+    assert start_trainer(out, "--steps", str(ckpt["step"] + 1), "--init-steps", "0", "--resume").wait(timeout=120) == 0
     assert not list(out.glob("ckpt.pt.tmp*"))
 
 
