@@ -481,7 +481,8 @@ def matching_assign(cost):
     """Matching quantization: (B, N, K) costs -> (B, N) codes, N distinct per image, at exactly
     minimal total cost (an optimal bipartite matching per image).
 
-    Only images whose nearest codes collide are solved; the others are optimal as they are. On a
+    Only images whose nearest codes collide are solved; the others are optimal as they are (when
+    N*N >= 2K, the birthday bound, nearly all collide and the check is skipped on a CPU). On a
     GPU, the `torch-linear-assignment` package solves them there when installed; else each row's
     N cheapest codes are picked there and only (b, N, N) values leave the device for a sparse
     solve. On a CPU that selection costs more than it saves, and the dense solve (scipy's
@@ -489,13 +490,16 @@ def matching_assign(cost):
     the GIL).
     """
     global _solver_pool
-    nearest = cost.argmin(-1)                                         # (B, N)
-    s = nearest.sort(-1).values
-    clash = (s[:, 1:] == s[:, :-1]).any(-1)                           # (B,) a code taken twice
-    if not clash.any():
-        return nearest
-    todo = clash.nonzero().squeeze(1)
-    N, K = cost.shape[1:]
+    B, N, K = cost.shape
+    if N * N >= 2 * K and not cost.is_cuda:
+        nearest, todo = torch.empty(B, N, dtype=torch.long), torch.arange(B)
+    else:
+        nearest = cost.argmin(-1)                                     # (B, N)
+        s = nearest.sort(-1).values
+        clash = (s[:, 1:] == s[:, :-1]).any(-1)                       # (B,) a code taken twice
+        if not clash.any():
+            return nearest
+        todo = clash.nonzero().squeeze(1)
     w = min(THREADS, len(todo))
     if cost.is_cuda and batch_linear_assignment is not None:
         nearest[todo] = batch_linear_assignment(cost[todo]).long()
