@@ -31,6 +31,7 @@ Train: `python pivq.py` (built-in data, CPU is enough) or `python pivq.py --data
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -321,18 +322,17 @@ class StreamSampler(torch.utils.data.Sampler):
         self.n, self.B, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start_batch, rank, world
 
     def __iter__(self):
-        perms = {}
         t = self.start
         while True:
-            idx = []
-            for pos in range(t * self.B + self.rank, (t + 1) * self.B, self.world):
-                e, i = divmod(pos, self.n)
-                if e not in perms:
-                    perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                        self.seed * 7919 + e)).tolist(), **{k: v for k, v in perms.items() if k >= e - 1}}
-                idx.append(perms[e][i])
-            yield idx
+            positions = range(t * self.B + self.rank, (t + 1) * self.B, self.world)
+            yield [epoch_order(self.n, self.seed, pos // self.n)[pos % self.n] for pos in positions]
             t += 1
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):
+    """The order of the n items in an epoch: a permutation seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
 def batches(dataset, cfg, start_batch=0, rank=0, world=1):
