@@ -723,7 +723,7 @@ def train_step(model, disc, opt, opt_d, x, step, cfg, perceptual=None, sync=lamb
         loss = nll + d_weight * g_loss + vq_loss
     finite = bool(sync(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
     opt.zero_grad(set_to_none=True)
-    if finite:
+    if finite:  # all ranks agree (sync), so under DDP they all skip the backward together
         loss.backward()
     stats = dict(loss=loss.item(), rec=rec.item(), perceptual=p_loss.item(), vq=vq_loss.detach().item(),
                  g=g_loss.item(), d_weight=float(d_weight), d=0.0, finite=finite, indices=idx)

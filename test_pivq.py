@@ -459,6 +459,10 @@ def _ddp_worker(rank, world, port, cfg, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    real = pivq.train_step
+    # a NaN on rank 1 only, at step 9 (quantized, GAN on): both ranks must skip that step together
+    pivq.train_step = lambda model, disc, opt, opt_d, x, step, *a: real(
+        model, disc, opt, opt_d, x * float("nan") if (rank, step) == (1, 9) else x, step, *a)
     model = pivq.train(cfg)
     torch.save(model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
 
@@ -483,6 +487,7 @@ def test_ddp_two_processes_agree(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs between ranks"
     ddp_rows = [json.loads(l) for l in open(os.path.join(cfg.out, "log.jsonl"))]
+    assert ddp_rows[-1]["bad_steps"] == 1
     single = small(tmp_path / "single", steps=12, init_steps=4, disc_start=8, log_every=4)
     pivq.train(single)
     one_rows = [json.loads(l) for l in open(os.path.join(single.out, "log.jsonl"))]
