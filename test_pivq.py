@@ -479,9 +479,13 @@ def test_ddp_two_processes_agree(tmp_path):
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(240)
-        assert p.exitcode == 0
+    try:
+        for p in procs:
+            p.join(240)
+            assert p.exitcode == 0, "a rank failed or hung"
+    finally:
+        for p in procs:
+            p.kill() if p.is_alive() else None
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert bool(a["quantizer.initialized"]) and torch.equal(a["quantizer.codebook"], b["quantizer.codebook"])
     for k in a:
