@@ -484,8 +484,8 @@ def test_ddp_two_processes_agree(tmp_path):
             p.join(240)
             assert p.exitcode == 0, "a rank failed or hung"
     finally:
-        for p in procs:
-            p.kill() if p.is_alive() else None
+        for p in (p for p in procs if p.is_alive()):
+            p.kill()
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert bool(a["quantizer.initialized"]) and torch.equal(a["quantizer.codebook"], b["quantizer.codebook"])
     for k in a:
