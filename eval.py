@@ -248,11 +248,10 @@ def main(argv=None):
     n = min(args.n, len(dataset))
     res = {}
 
-    # reconstruction and code statistics over n images
-    perceptual = None
-    if os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", pivq.VGG16_FILE)):
-        perceptual = pivq.make_lpips(device)
-    sq_err, lp, codes, kept = [], [], [], []
+    # reconstruction and code statistics over n images (and their PRDC features, in one read)
+    perceptual = pivq.make_lpips(device) if os.path.isfile(pivq.hub_path()) else None
+    feats = feature_extractor(args.features, device) if args.prdc else None
+    sq_err, lp, codes, kept, real = [], [], [], [], []
     for s in range(0, n, args.batch_size):
         items = [(i, dataset[i]) for i in range(s, min(n, s + args.batch_size))]
         items = [(i, x) for i, x in items if x is not None]
@@ -266,6 +265,8 @@ def main(argv=None):
             lp.append(perceptual(x, rec).flatten().cpu())
         codes.append(idx.cpu())
         kept += [i for i, _ in items]
+        if feats is not None:
+            real.append(feats(x).cpu())
     codes = torch.cat(codes)
     mse = torch.cat(sq_err)
     res["mse"] = mse.mean().item()
@@ -279,7 +280,6 @@ def main(argv=None):
     res["capacity_bits"] = capacity_bits(res["perplexity"], res["distinct_per_image"])
 
     if args.prdc:
-        feats = feature_extractor(args.features, device)
         if args.samples:
             fake_ds = pivq.ImageFolder(args.samples, cfg.image_size)
             fake_imgs = [x for x in (fake_ds[i] for i in range(min(n, len(fake_ds)))) if x is not None]
@@ -288,9 +288,7 @@ def main(argv=None):
         else:
             fake = torch.cat([feats(generate(model, dataset, min(args.batch_size, n - s), args.batch_size,
                                              args.seed + s, device)).cpu() for s in range(0, n, args.batch_size)])
-        real = torch.cat([feats(torch.stack([dataset[i] for i in kept[s:s + args.batch_size]]).to(device)).cpu()
-                          for s in range(0, len(kept), args.batch_size)])
-        res.update(compute_prdc(real, fake, args.k))
+        res.update(compute_prdc(torch.cat(real), fake, args.k))
 
     # attribute probe: logistic regression on bags of codes against the majority class
     attrs = None

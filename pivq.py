@@ -651,10 +651,15 @@ class Discriminator(nn.Module):
 VGG16_FILE = "vgg16-397923af.pth"
 
 
+def hub_path(filename=VGG16_FILE):
+    """Where torchvision keeps (and we look for) a pretrained weight file."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
 def hub_weights(filename=VGG16_FILE, fallback="train without LPIPS: --perceptual-weight 0"):
     """Path of a torchvision ImageNet weight file in torch's hub cache; a clear stop when absent
     (no download is attempted: many training machines have no internet)."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    path = hub_path(filename)
     if not os.path.isfile(path):
         die(f"pretrained weights missing: {path}. On a machine with internet download "
             f"https://download.pytorch.org/models/{filename} and copy it there (or set TORCH_HOME); "
